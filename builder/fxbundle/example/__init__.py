@@ -1,0 +1,1 @@
+"""The example model: the reference architecture trained on real USDJPY H1 bars."""

@@ -1,0 +1,3 @@
+from fxbundle.example.training import main
+
+main()
