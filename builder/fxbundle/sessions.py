@@ -1,0 +1,64 @@
+"""ONNX Runtime sessions with an explicit execution provider and thread settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from fxbundle.errors import FxBundleError
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    requested_provider: str
+    providers: tuple[str, ...]
+    intra_op_threads: int
+    inter_op_threads: int
+    graph_optimization: str
+    onnxruntime_version: str
+
+
+def create_session(
+    model: Path | bytes,
+    provider: str = "CPUExecutionProvider",
+    intra_op_threads: int = 0,
+    graph_optimization: str = "ORT_ENABLE_ALL",
+) -> tuple[ort.InferenceSession, SessionInfo]:
+    """Open a session on ``provider`` and fail if ONNX Runtime silently chose another one.
+
+    ``get_available_providers()`` lists CUDA whenever the GPU build is installed, even on a
+    machine without a GPU; only the session's own ``get_providers()`` tells what will run.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, graph_optimization)
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    source = str(model) if isinstance(model, Path) else model
+    try:
+        session = ort.InferenceSession(source, sess_options=options, providers=providers)
+    except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException types
+        name = model.name if isinstance(model, Path) else "<in-memory model>"
+        raise FxBundleError("session.load_failed", model=name, detail=str(error).strip().splitlines()[0]) from error
+
+    actual = tuple(session.get_providers())
+    if actual[0] != provider:
+        raise FxBundleError("session.provider_unavailable", requested=provider, actual=", ".join(actual))
+    info = SessionInfo(
+        requested_provider=provider,
+        providers=actual,
+        intra_op_threads=intra_op_threads,
+        inter_op_threads=1,
+        graph_optimization=graph_optimization,
+        onnxruntime_version=ort.__version__,
+    )
+    return session, info
+
+
+def run(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+    input_name = session.get_inputs()[0].name
+    return session.run(None, {input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
