@@ -1,0 +1,193 @@
+"""Command-line interface: parse options, call one library function, render its result.
+
+Exit codes: 0 success; 1 error (bad input, failed step); 2 usage error; 3 a validation gate
+failed and nothing was written. Warnings never change the exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fxbundle import __version__
+from fxbundle.errors import EXIT_ERROR, EXIT_OK, FxBundleError
+from fxbundle.i18n import current_language, detect_language, set_language, t
+from fxbundle.logs import LOGGER_NAME, JSTFormatter
+
+app = typer.Typer(
+    name="fxbundle",
+    help="Turn a trained FX forecasting checkpoint into a validated MetaTrader 5 bundle.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+LangOption = typer.Option(None, "--lang", help="Message language: ja or en (default: FXBUNDLE_LANG, else the locale).")
+JsonOption = typer.Option(False, "--json", help="Print a machine-readable summary on stdout.")
+
+
+class ConsoleLogHandler(logging.Handler):
+    """Print JST-stamped log lines through the rich console so they do not tear the progress bar."""
+
+    def __init__(self, console: Console, level: int = logging.INFO) -> None:
+        super().__init__(level)
+        self.console = console
+        self.setFormatter(JSTFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        style = "yellow" if record.levelno == logging.WARNING else "red" if record.levelno >= logging.ERROR else None
+        self.console.print(self.format(record), markup=False, highlight=False, style=style, soft_wrap=True)
+
+
+def _setup(lang: Optional[str], verbose: bool) -> Console:
+    set_language(detect_language(lang))
+    console = Console(stderr=True)
+    logger = logging.getLogger(LOGGER_NAME)
+    for handler in list(logger.handlers):
+        if isinstance(handler, ConsoleLogHandler):
+            logger.removeHandler(handler)
+    logger.addHandler(ConsoleLogHandler(console, logging.DEBUG if verbose else logging.INFO))
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    return console
+
+
+def _fail(console: Console, error: BaseException) -> typer.Exit:
+    """Print the error in the user's language; the traceback goes to the debug log only."""
+    if isinstance(error, FxBundleError):
+        console.print(t("cli.error", message=error.render(current_language())), markup=False, highlight=False, style="red", soft_wrap=True)
+        logging.getLogger(LOGGER_NAME).debug("traceback:\n%s", "".join(traceback.format_exception(error)))
+        return typer.Exit(error.exit_code)
+    console.print(t("cli.unexpected", detail=f"{type(error).__name__}: {error}"), markup=False, highlight=False, style="red", soft_wrap=True)
+    console.print("".join(traceback.format_exception(error)), markup=False, highlight=False)
+    return typer.Exit(EXIT_ERROR)
+
+
+@app.command()
+def build(
+    pair: str = typer.Option(..., "--pair", help="Symbol to build for, e.g. USDJPY (must be in config/pairs.yaml)."),
+    model: Path = typer.Option(Path("models/usdjpy_example_training.pt"), "--model", help="Checkpoint (.pt) to convert."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Build settings YAML (default: ./config/onnx_conversion.yaml, else built-in)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Model precision to ship: fp32 or fp16 (default: from config)."),
+    test_data: Optional[Path] = typer.Option(None, "--test-data", help="Held-out data: a bars CSV (example feature set) or an .npz with X and y."),
+    version: Optional[str] = typer.Option(None, "--version", help="Bundle version X.Y.Z (default: from config). An existing version is never overwritten."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: ./dist)."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow a checkpoint that needs code execution to load (pickled module). Only for files you trust."),
+    allow_pair_mismatch: bool = typer.Option(False, "--allow-pair-mismatch", help="Build for --pair even if the checkpoint was trained on another pair."),
+    features_mqh: Optional[Path] = typer.Option(None, "--features-mqh", help="MQL5 include implementing the checkpoint's feature set, when fxbundle has none built in."),
+    lang: Optional[str] = LangOption,
+    json_output: bool = JsonOption,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print DEBUG log lines."),
+) -> None:
+    """Convert a checkpoint to ONNX, validate it and package it with an MT5 Expert Advisor."""
+    from fxbundle.pipeline import BuildOptions, build as run_build
+
+    console = _setup(lang, verbose)
+    options = BuildOptions(
+        pair=pair,
+        model=model,
+        config=config,
+        precision=precision,
+        test_data=test_data,
+        version=version,
+        out=out,
+        trust_checkpoint=trust_checkpoint,
+        allow_pair_mismatch=allow_pair_mismatch,
+        features_mqh=features_mqh,
+    )
+    progress = Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+        console=console, transient=True, disable=not console.is_terminal,
+    )
+    task = progress.add_task(t("cli.building", pair=pair.upper()), total=10)
+
+    def on_progress(label: str, done: int, total: int) -> None:
+        progress.update(task, description=label, completed=done, total=total)
+
+    try:
+        with progress:
+            result = run_build(options, on_progress=on_progress)
+    except Exception as error:  # every failure is reported with its exit code
+        raise _fail(console, error) from error
+
+    summary = result.summary()
+    if json_output:
+        typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+    else:
+        _print_summary(summary)
+    raise typer.Exit(EXIT_OK)
+
+
+def _print_summary(summary: dict) -> None:
+    console = Console()
+    table = Table(title=t("summary.title"), show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    latency = summary["latency_ms"]
+    accuracy = summary["accuracy"]
+    table.add_row(t("summary.bundle"), summary["bundle"])
+    table.add_row(t("summary.zip"), f"{summary['zip']}\nsha256 {summary['zip_sha256']}")
+    table.add_row(t("summary.precision"), summary["precision"])
+    table.add_row(t("summary.latency"), t("summary.latency_value", p50=latency["p50"], p95=latency["p95"], p99=latency["p99"], provider=summary["execution_provider"]))
+    table.add_row(t("summary.accuracy"), t("summary.accuracy_value", degradation=f"{accuracy['degradation_pct']:.4f}", windows=accuracy["windows"], source=accuracy["data_source"]))
+    table.add_row(t("summary.warnings"), str(len(summary["warnings"])))
+    table.add_row(t("summary.wall_time"), f"{summary['wall_seconds']} s")
+    console.print(table)
+
+
+@app.command()
+def verify(
+    bundle_dir: Path = typer.Argument(..., help="Bundle directory (contains manifest.json)."),
+    lang: Optional[str] = LangOption,
+    json_output: bool = JsonOption,
+) -> None:
+    """Check every file of a bundle against its manifest (size and SHA-256)."""
+    from fxbundle.bundle import verify_bundle
+    from fxbundle.errors import BundleError
+
+    console = _setup(lang, verbose=False)
+    try:
+        if not (bundle_dir / "manifest.json").is_file():
+            raise BundleError("bundle.no_manifest", path=str(bundle_dir))
+        problems = verify_bundle(bundle_dir)
+    except Exception as error:  # every failure is reported with its exit code
+        raise _fail(console, error) from error
+    if json_output:
+        typer.echo(json.dumps({"bundle": str(bundle_dir), "ok": not problems, "problems": problems}, indent=2, ensure_ascii=False))
+    for problem in problems:
+        console.print(t("verify.problem", problem=problem), markup=False, style="red")
+    if problems:
+        console.print(t("verify.failed", path=str(bundle_dir), count=len(problems)), markup=False, style="red")
+        raise typer.Exit(EXIT_ERROR)
+    console.print(t("verify.ok", path=str(bundle_dir)), markup=False)
+    raise typer.Exit(EXIT_OK)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"fxbundle {__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(False, "--tool-version", callback=_version_callback, is_eager=True, help="Print fxbundle's version and exit."),
+) -> None:
+    """fxbundle: MetaTrader 5 bundles from PyTorch FX forecasters."""
+
+
+def main() -> None:
+    app(prog_name="fxbundle")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
