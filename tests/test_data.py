@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fxbundle.data import EXAMPLE_TIMEFRAMES, WindowSource, load_bars_csv
+from fxbundle.data import EXAMPLE_TIMEFRAMES, WindowSource, load_bars_csv, verify_causality
 from fxbundle.errors import DataError
 
 HEADER = "Date,open,high,low,close,tick_volume\n"
@@ -114,3 +114,29 @@ def test_normalized_windows_are_clipped(source):
     stats = source.fit_normalization(indices)
     window = source.window(int(indices[-1]), stats)
     assert np.abs(window).max() <= stats.clip
+
+
+def test_verify_causality_passes_on_real_bars(source):
+    indices = source.end_indices()
+    stats = source.fit_normalization(indices[:100])
+    probes = [int(indices[5]), int(indices[-5])]
+    assert verify_causality(source.base, EXAMPLE_TIMEFRAMES, 360, 36, stats, probes) == 2
+
+
+def test_verify_causality_catches_a_leak(source, monkeypatch):
+    """A feature that peeks one bar ahead must be caught."""
+    import fxbundle.data as data_module
+
+    honest = data_module.compute_features
+
+    def leaky(bars):
+        features = honest(bars)
+        features[:-1, 0] = features[1:, 0]  # column 0 now holds the next bar's value
+        return features
+
+    monkeypatch.setattr(data_module, "compute_features", leaky)
+    indices = source.end_indices()
+    stats = source.fit_normalization(indices[:100])
+    with pytest.raises(DataError) as raised:
+        verify_causality(source.base, EXAMPLE_TIMEFRAMES, 360, 36, stats, [int(indices[5])])
+    assert raised.value.key == "data.future_leak"

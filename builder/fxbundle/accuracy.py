@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fxbundle.checkpoint import Checkpoint
-from fxbundle.data import NormalizationStats, WindowSource, load_bars_csv
+from fxbundle.data import NormalizationStats, WindowSource, load_bars_csv, verify_causality
 from fxbundle.errors import DataError
 from fxbundle.features import FEATURE_SET_NAME
 from fxbundle.parity import ParityReport, compare
@@ -40,6 +40,7 @@ class WindowSet:
     first_window_end: str | None
     last_window_end: str | None
     batches: object  # a zero-argument callable returning Batches
+    causality_windows: int = 0  # windows proven unchanged by later bars (CSV sources only)
 
     def iterate(self) -> Batches:
         return self.batches()  # type: ignore[operator]
@@ -69,6 +70,8 @@ def windows_from_csv(path: Path, checkpoint: Checkpoint, digits: int, count: int
     if start is None:
         logger.warning("the checkpoint records no held-out period; windows from the whole file %s may overlap training data", path)
     chosen = _evenly_spaced(indices, count)
+    probes = sorted({int(chosen[0]), int(chosen[len(chosen) // 2]), int(chosen[-1])})
+    checked = verify_causality(bars, checkpoint.timeframes, checkpoint.seq_len, checkpoint.horizon, stats, probes)
 
     def batches() -> Batches:
         for windows, batch in source.windows(chosen, stats, batch_size):
@@ -81,6 +84,7 @@ def windows_from_csv(path: Path, checkpoint: Checkpoint, digits: int, count: int
         first_window_end=str(bars.time[chosen[0]]),
         last_window_end=str(bars.time[chosen[-1]]),
         batches=batches,
+        causality_windows=checked,
     )
 
 
@@ -122,6 +126,8 @@ def synthetic_windows(checkpoint: Checkpoint, count: int, batch_size: int, seed:
 
 @dataclass(frozen=True)
 class AccuracyResult:
+    """Errors of PyTorch and of one ONNX model; ``*_pips`` fields are the same errors times the pips multiplier."""
+
     data_source: str
     description: str
     windows: int
@@ -129,9 +135,21 @@ class AccuracyResult:
     last_window_end: str | None
     rmse_pytorch: float | None
     rmse_onnx: float | None
+    mae_pytorch: float | None
+    mae_onnx: float | None
+    rmse_per_horizon_pytorch: list[float] | None
+    rmse_per_horizon_onnx: list[float] | None
     rmse_onnx_vs_pytorch: float
+    max_abs_diff: float
     degradation_pct: float
     degradation_basis: str
+    mae_degradation_pct: float | None
+    direction_agreement: float
+    pips_multiplier: float
+    rmse_pytorch_pips: float | None
+    rmse_onnx_pips: float | None
+    mae_onnx_pips: float | None
+    max_abs_diff_pips: float
     parity: ParityReport
 
     def to_dict(self) -> dict:
@@ -140,69 +158,113 @@ class AccuracyResult:
         return payload
 
 
-def _rmse(sum_squares: float, count: int) -> float:
-    return float(np.sqrt(sum_squares / max(count, 1)))
+def _rmse(error: np.ndarray, axis: int | None = None) -> np.ndarray | float:
+    value = np.sqrt(np.mean(np.square(error), axis=axis))
+    return value if axis is not None else float(value)
+
+
+def _mae(error: np.ndarray) -> float:
+    return float(np.mean(np.abs(error)))
+
+
+def _degradation(onnx_error: float, torch_error: float) -> float:
+    return 100.0 * (onnx_error - torch_error) / torch_error if torch_error > 0 else 0.0
+
+
+def direction_agreement(actual: np.ndarray, expected: np.ndarray) -> float:
+    """Share of forecasts whose sign (up, down, flat) is the same in both outputs."""
+    return float(np.mean(np.sign(actual) == np.sign(expected)))
+
+
+def evaluate(
+    window_set: WindowSet,
+    expected: np.ndarray,
+    actual: np.ndarray,
+    targets: np.ndarray | None,
+    atol: float,
+    rtol: float,
+    pips_multiplier: float,
+) -> AccuracyResult:
+    """Compare one ONNX output with PyTorch's, and both with the targets when there are any."""
+    difference = actual - expected
+    rmse_diff = _rmse(difference)
+    max_abs = float(np.max(np.abs(difference), initial=0.0))
+    if targets is not None:
+        rmse_torch, rmse_onnx = _rmse(expected - targets), _rmse(actual - targets)
+        mae_torch, mae_onnx = _mae(expected - targets), _mae(actual - targets)
+        per_horizon_torch = [float(v) for v in _rmse(expected - targets, axis=0)]
+        per_horizon_onnx = [float(v) for v in _rmse(actual - targets, axis=0)]
+        degradation = _degradation(rmse_onnx, rmse_torch)
+        mae_degradation = _degradation(mae_onnx, mae_torch)
+        basis = "(RMSE_onnx - RMSE_pytorch) / RMSE_pytorch against targets"
+    else:
+        rmse_torch = rmse_onnx = mae_torch = mae_onnx = mae_degradation = None
+        per_horizon_torch = per_horizon_onnx = None
+        reference = _rmse(expected)
+        degradation = 100.0 * rmse_diff / reference if reference > 0 else 0.0
+        basis = "RMSE(onnx - pytorch) / RMS(pytorch); synthetic windows have no targets"
+
+    def pips(value: float | None) -> float | None:
+        return None if value is None else value * pips_multiplier
+
+    return AccuracyResult(
+        data_source=window_set.kind,
+        description=window_set.description,
+        windows=window_set.count,
+        first_window_end=window_set.first_window_end,
+        last_window_end=window_set.last_window_end,
+        rmse_pytorch=rmse_torch,
+        rmse_onnx=rmse_onnx,
+        mae_pytorch=mae_torch,
+        mae_onnx=mae_onnx,
+        rmse_per_horizon_pytorch=per_horizon_torch,
+        rmse_per_horizon_onnx=per_horizon_onnx,
+        rmse_onnx_vs_pytorch=rmse_diff,
+        max_abs_diff=max_abs,
+        degradation_pct=float(degradation),
+        degradation_basis=basis,
+        mae_degradation_pct=mae_degradation,
+        direction_agreement=direction_agreement(actual, expected),
+        pips_multiplier=pips_multiplier,
+        rmse_pytorch_pips=pips(rmse_torch),
+        rmse_onnx_pips=pips(rmse_onnx),
+        mae_onnx_pips=pips(mae_onnx),
+        max_abs_diff_pips=max_abs * pips_multiplier,
+        parity=compare(actual, expected, atol, rtol),
+    )
 
 
 def measure_accuracy(
-    checkpoint: Checkpoint, onnx_paths: dict[str, Path], window_set: WindowSet, atol: float, rtol: float
+    checkpoint: Checkpoint,
+    onnx_paths: dict[str, Path],
+    window_set: WindowSet,
+    atol: float,
+    rtol: float,
+    pips_multiplier: float = 1.0,
 ) -> dict[str, AccuracyResult]:
-    """Run PyTorch once and every ONNX model on the same windows; compare each against the targets."""
+    """Run PyTorch once and every ONNX model on the same windows; evaluate each ONNX model."""
     sessions = {name: create_session(path)[0] for name, path in onnx_paths.items()}
     model = checkpoint.model.eval()
 
-    squares_torch = squares_reference = 0.0
-    squares_onnx = dict.fromkeys(sessions, 0.0)
-    squares_diff = dict.fromkeys(sessions, 0.0)
-    elements = 0
-    torch_parts: list[np.ndarray] = []
-    onnx_parts: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
+    expected_parts: list[np.ndarray] = []
+    target_parts: list[np.ndarray] = []
+    actual_parts: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
     has_targets = True
     for windows, targets in window_set.iterate():
         with torch.no_grad():
-            expected = model(torch.from_numpy(windows)).numpy().astype(np.float64)
-        squares_reference += float(np.sum(expected**2))
-        elements += expected.size
-        torch_parts.append(expected)
+            expected_parts.append(model(torch.from_numpy(windows)).numpy().astype(np.float64))
         if targets is None:
             has_targets = False
         else:
-            squares_torch += float(np.sum((expected - targets) ** 2))
+            target_parts.append(np.asarray(targets, dtype=np.float64))
         for name, session in sessions.items():
-            actual = run(session, windows).astype(np.float64)
-            squares_diff[name] += float(np.sum((actual - expected) ** 2))
-            if targets is not None:
-                squares_onnx[name] += float(np.sum((actual - targets) ** 2))
-            onnx_parts[name].append(actual)
+            actual_parts[name].append(run(session, windows).astype(np.float64))
 
-    if elements == 0:
+    if not expected_parts:
         raise DataError("accuracy.no_windows", path=window_set.description, start="-", needed=checkpoint.seq_len)
-    expected_all = np.concatenate(torch_parts)
-    rmse_torch = _rmse(squares_torch, elements) if has_targets else None
-    reference = _rmse(squares_reference, elements)
-
-    results = {}
-    for name in sessions:
-        rmse_diff = _rmse(squares_diff[name], elements)
-        if rmse_torch is not None:
-            rmse_onnx = _rmse(squares_onnx[name], elements)
-            degradation = 100.0 * (rmse_onnx - rmse_torch) / rmse_torch if rmse_torch > 0 else 0.0
-            basis = "(RMSE_onnx - RMSE_pytorch) / RMSE_pytorch against targets"
-        else:
-            rmse_onnx = None
-            degradation = 100.0 * rmse_diff / reference if reference > 0 else 0.0
-            basis = "RMSE(onnx - pytorch) / RMS(pytorch); synthetic windows have no targets"
-        results[name] = AccuracyResult(
-            data_source=window_set.kind,
-            description=window_set.description,
-            windows=window_set.count,
-            first_window_end=window_set.first_window_end,
-            last_window_end=window_set.last_window_end,
-            rmse_pytorch=rmse_torch,
-            rmse_onnx=rmse_onnx,
-            rmse_onnx_vs_pytorch=rmse_diff,
-            degradation_pct=float(degradation),
-            degradation_basis=basis,
-            parity=compare(np.concatenate(onnx_parts[name]), expected_all, atol, rtol),
-        )
-    return results
+    expected = np.concatenate(expected_parts)
+    targets_all = np.concatenate(target_parts) if has_targets else None
+    return {
+        name: evaluate(window_set, expected, np.concatenate(parts), targets_all, atol, rtol, pips_multiplier)
+        for name, parts in actual_parts.items()
+    }

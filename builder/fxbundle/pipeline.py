@@ -247,7 +247,9 @@ def _build_into(
         window_set = _select_windows(options, config, checkpoint, pair)
         if window_set.kind == "synthetic":
             warn("warn.synthetic_windows", count=window_set.count)
-        accuracy = measure_accuracy(checkpoint, variant_paths, window_set, config.optimization.parity.atol, config.optimization.parity.rtol)
+        accuracy = measure_accuracy(
+            checkpoint, variant_paths, window_set, config.optimization.parity.atol, config.optimization.parity.rtol, pair.pips_multiplier
+        )
         for name, measured in accuracy.items():
             steps.info(
                 "log.accuracy",
