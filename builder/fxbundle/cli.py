@@ -11,7 +11,7 @@ import logging
 import sys
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -19,9 +19,13 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from fxbundle import __version__
-from fxbundle.errors import EXIT_ERROR, EXIT_OK, FxBundleError
+from fxbundle.config import LatencySettings
+from fxbundle.errors import EXIT_ERROR, EXIT_OK, FxBundleError, UsageError
 from fxbundle.i18n import current_language, detect_language, set_language, t
 from fxbundle.logs import LOGGER_NAME, JSTFormatter
+
+if TYPE_CHECKING:
+    from fxbundle.latency import LatencyResult
 
 app = typer.Typer(
     name="fxbundle",
@@ -170,6 +174,165 @@ def verify(
         raise typer.Exit(EXIT_ERROR)
     console.print(t("verify.ok", path=str(bundle_dir)), markup=False)
     raise typer.Exit(EXIT_OK)
+
+
+@app.command()
+def bench(
+    model: Path = typer.Argument(..., help="ONNX model to time. Only its batch axis may be dynamic, and it is set to 1."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Calls excluded before timing in fixed mode, or the fallback count in adaptive mode (default: by provider and precision)."),
+    warmup_mode: Optional[str] = typer.Option(None, "--warmup-mode", help="fixed or adaptive (default: fixed when --warmup is given, else by provider and precision)."),
+    samples: int = typer.Option(1000, "--samples", help="Number of timed calls after the warm-up."),
+    threads: int = typer.Option(0, "--threads", help="Number of ONNX Runtime intra-op threads. 0 lets ONNX Runtime choose (one per physical core)."),
+    provider: str = typer.Option("CPUExecutionProvider", "--provider", help="ONNX Runtime execution provider, e.g. CUDAExecutionProvider. Falling back to another provider is an error."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG of the per-call latencies and their histogram to this path."),
+    target_p95_ms: float = typer.Option(LatencySettings().target_p95_ms, "--target-p95-ms", help="p95 target in ms."),
+    warn_p95_ms: float = typer.Option(LatencySettings().warn_p95_ms, "--warn-p95-ms", help="p95 in ms above which a warning suggests INT8."),
+    fail_p95_ms: Optional[float] = typer.Option(None, "--fail-p95-ms", help="p95 in ms above which the command fails with exit code 3 (default: no limit)."),
+    lang: Optional[str] = LangOption,
+    json_output: bool = JsonOption,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print DEBUG log lines."),
+) -> None:
+    """Measure the inference latency of an ONNX model with ONNX Runtime, in a separate process."""
+    from fxbundle.errors import GateFailed
+    from fxbundle.latency import inspect_model, measure_latency
+    from fxbundle.plots import plot_warmup
+
+    console = _setup(lang, verbose)
+    gate_error: GateFailed | None = None
+    try:
+        # Options are checked before the model is read, so a usage error is reported first.
+        _check_bench_options(provider, warmup, warmup_mode, samples, threads, target_p95_ms, warn_p95_ms, fail_p95_ms)
+        model_input = inspect_model(model)
+        progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
+        with progress:
+            progress.add_task(t("bench.running", model=model.name, samples=samples), total=None)
+            try:
+                result = measure_latency(
+                    model,
+                    model_input.shape,
+                    warmup=warmup,
+                    samples=samples,
+                    provider=provider,
+                    intra_op_threads=threads,
+                    warmup_mode=warmup_mode,
+                    precision=model_input.precision,
+                    target_p95_ms=target_p95_ms,
+                    warn_p95_ms=warn_p95_ms,
+                    fail_threshold_ms=fail_p95_ms,
+                )
+            except GateFailed as error:
+                # The measurement is still shown (verdict "fail") before the exit code 3.
+                gate_error = error
+                result = error.result
+        if plot is not None:
+            plot_warmup(result, plot)
+    except Exception as error:  # every failure is reported with its exit code
+        raise _fail(console, error) from error
+
+    if json_output:
+        summary = result.to_dict()
+        summary["input_shape"] = list(model_input.shape)
+        summary["plot"] = str(plot) if plot is not None else None
+        typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+    else:
+        _print_bench(result, model_input.shape, plot)
+    if gate_error is not None:
+        raise _fail(console, gate_error)
+    raise typer.Exit(EXIT_OK)
+
+
+def _check_bench_options(
+    provider: str,
+    warmup: Optional[int],
+    warmup_mode: Optional[str],
+    samples: int,
+    threads: int,
+    target_p95_ms: float,
+    warn_p95_ms: float,
+    fail_p95_ms: Optional[float],
+) -> None:
+    """Raise UsageError (exit code 2) for an invalid bench option."""
+    from fxbundle.latency import LatencyThresholds, resolve_warmup_policy
+
+    resolve_warmup_policy(provider, "fp32", warmup, warmup_mode)
+    LatencyThresholds(target_p95_ms, warn_p95_ms, fail_p95_ms)
+    if samples < 1:
+        raise UsageError("bench.bad_samples", samples=samples)
+    if threads < 0:
+        raise UsageError("bench.bad_threads", threads=threads)
+
+
+def _cpu_flag(present: Optional[bool]) -> str:
+    if present is None:
+        return t("bench.flag_unknown")
+    return t("bench.flag_present") if present else t("bench.flag_absent")
+
+
+def _check_label(passed: bool) -> str:
+    return t("bench.check_passed") if passed else t("bench.check_failed")
+
+
+def _print_bench(result: LatencyResult, input_shape: tuple[int, ...], plot: Optional[Path]) -> None:
+    environment = result.environment
+    policy = result.warmup_policy
+    table = Table(title=t("bench.title", model=result.model), show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+
+    table.add_row(t("bench.model"), t("bench.model_value", precision=result.precision, shape=list(input_shape)))
+    table.add_row(t("bench.provider"), t("bench.provider_value", provider=result.provider, requested=environment.requested_provider))
+    table.add_row(
+        t("bench.threads"),
+        t(
+            "bench.threads_value",
+            intra=environment.intra_op_threads,
+            effective=environment.intra_op_threads_effective,
+            inter=environment.inter_op_threads,
+            spinning=environment.allow_spinning,
+        ),
+    )
+    if result.warmup_mode == "fixed":
+        warmup_text = t("bench.warmup_fixed", excluded=result.warmup_calls)
+    elif result.warmup_stabilized:
+        warmup_text = t("bench.warmup_stable", excluded=result.warmup_calls, window=policy.window, threshold=policy.cv_threshold)
+    else:
+        warmup_text = t("bench.warmup_fallback", calls=policy.cap, excluded=result.warmup_calls)
+    table.add_row(t("bench.warmup"), warmup_text)
+    table.add_row(t("bench.first_call"), f"{result.first_call_ms} ms")
+    table.add_row(
+        t("bench.latency"),
+        t("bench.latency_value", samples=result.samples, mean=result.mean_ms, p50=result.p50_ms, p95=result.p95_ms, p99=result.p99_ms),
+    )
+    table.add_row(t("bench.spread"), t("bench.spread_value", min=result.min_ms, max=result.max_ms, std=result.std_ms, cv=result.cv))
+    table.add_row(
+        t("bench.indicators"),
+        t(
+            "bench.indicators_value",
+            share=f"{result.warmup_share * 100:.2f}",
+            share_ok=_check_label(result.warmup_share_ok),
+            cv=result.cv,
+            cv_ok=_check_label(result.cv_ok),
+        ),
+    )
+    thresholds = result.thresholds
+    fail_limit = t("bench.no_limit") if thresholds.fail_threshold_ms is None else f"{thresholds.fail_threshold_ms} ms"
+    table.add_row(
+        t("bench.verdict"),
+        t(
+            "bench.verdict_value",
+            verdict=t(f"bench.verdict_{result.verdict}"),
+            target=thresholds.target_p95_ms,
+            warn=thresholds.warn_p95_ms,
+            fail=fail_limit,
+        ),
+    )
+    cpu = environment.cpu
+    table.add_row(t("bench.cpu"), t("bench.cpu_value", model=cpu.model, avx2=_cpu_flag(cpu.avx2), avx512f=_cpu_flag(cpu.avx512f), vnni=_cpu_flag(cpu.vnni)))
+    table.add_row(t("bench.versions"), t("bench.versions_value", onnxruntime=environment.onnxruntime_version, python=environment.python_version))
+    table.add_row(t("bench.warnings"), str(len(result.warnings)))
+    if plot is not None:
+        table.add_row(t("bench.plot"), str(plot))
+    Console().print(table)
 
 
 def _version_callback(value: bool) -> None:

@@ -21,11 +21,16 @@ class SessionInfo:
     onnxruntime_version: str
 
 
+SPINNING_CONFIG_KEY = "session.intra_op.allow_spinning"
+
+
 def create_session(
     model: Path | bytes,
     provider: str = "CPUExecutionProvider",
     intra_op_threads: int = 0,
     graph_optimization: str = "ORT_ENABLE_ALL",
+    inter_op_threads: int = 1,
+    allow_spinning: bool | None = None,
 ) -> tuple[ort.InferenceSession, SessionInfo]:
     """Open a session on ``provider`` and fail if ONNX Runtime silently chose another one.
 
@@ -35,8 +40,11 @@ def create_session(
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, graph_optimization)
     options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
+    options.inter_op_num_threads = inter_op_threads
     options.log_severity_level = 3
+    if allow_spinning is not None:
+        # Spinning must be configured before the session exists; None keeps ORT's default.
+        options.add_session_config_entry(SPINNING_CONFIG_KEY, "1" if allow_spinning else "0")
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     source = str(model) if isinstance(model, Path) else model
     try:
@@ -52,7 +60,7 @@ def create_session(
         requested_provider=provider,
         providers=actual,
         intra_op_threads=intra_op_threads,
-        inter_op_threads=1,
+        inter_op_threads=inter_op_threads,
         graph_optimization=graph_optimization,
         onnxruntime_version=ort.__version__,
     )
