@@ -52,20 +52,40 @@ class OptimizationSettings(_Strict):
 
 class FP16Settings(_Strict):
     keep_io_types: bool = True
+    on_out_of_range: Literal["keep_fp32", "fail"] = "keep_fp32"
+
+
+class INT8Settings(_Strict):
+    dynamic: bool = True
+    static: bool = True
+    calibration_windows: int = Field(200, ge=10)
+    calibration_method: Literal["MinMax", "Entropy", "Percentile"] = "MinMax"
+    seed: int = 0
+
+
+class ABSettings(_Strict):
+    repeats: int = Field(5, ge=1)
+    samples: int = Field(300, ge=10)
 
 
 class PrecisionSettings(_Strict):
-    default: Literal["fp32", "fp16"] = "fp32"
+    default: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     fp16: FP16Settings = FP16Settings()
+    int8: INT8Settings = INT8Settings()
+    ab: ABSettings = ABSettings()
 
 
 class LatencySettings(_Strict):
-    warmup: int = Field(20, ge=0)
+    warmup: int | None = Field(None, ge=0)
+    warmup_mode: Literal["fixed", "adaptive"] | None = None
     samples: int = Field(1000, ge=10)
-    execution_provider: str = "CPUExecutionProvider"
+    execution_provider: str | None = None
+    gpu_mem_limit_mb: int | None = Field(None, ge=1)
     intra_op_threads: int = Field(0, ge=0)
     target_p95_ms: float = Field(10.0, gt=0)
     warn_p95_ms: float = Field(15.0, gt=0)
+    fail_threshold_ms: float | None = Field(None, gt=0)
+    measure_pytorch: bool = True
 
 
 class AccuracySettings(_Strict):
@@ -73,6 +93,11 @@ class AccuracySettings(_Strict):
     batch_size: int = Field(256, ge=1)
     target_degradation_pct: float = Field(1.0, ge=0)
     fail_degradation_pct: float = Field(2.0, ge=0)
+
+
+class ValidationSettings(_Strict):
+    max_model_mb: float = Field(10.0, gt=0)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 2, 3, 7])
 
 
 class BundleSettings(_Strict):
@@ -87,6 +112,7 @@ class BuildConfig(_Strict):
     precision: PrecisionSettings = PrecisionSettings()
     latency: LatencySettings = LatencySettings()
     accuracy: AccuracySettings = AccuracySettings()
+    validation: ValidationSettings = ValidationSettings()
     bundle: BundleSettings = BundleSettings()
 
     def digest(self) -> str:
