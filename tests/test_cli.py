@@ -274,3 +274,42 @@ def test_verify_command(built, tmp_path):
     _, out = built
     assert invoke("verify", out / BUNDLE).exit_code == EXIT_OK
     assert invoke("verify", tmp_path).exit_code == EXIT_ERROR
+
+
+def test_build_log_starts_with_prepare_step(built):
+    _, out = built
+    log = (out / BUNDLE / "logs/build.log").read_text(encoding="utf-8").splitlines()
+    assert "START prepare" in log[0]
+    assert all(JST_LINE.match(line) for line in log if line and not line.startswith((" ", "\t", "Traceback")))
+
+
+def test_bundle_directory_is_world_readable(built):
+    _, out = built
+    assert (out / BUNDLE).stat().st_mode & 0o777 == 0o755
+
+
+def test_validation_report_in_bundle(built):
+    _, out = built
+    report = (out / BUNDLE / "reports/validation.md").read_text(encoding="utf-8")
+    assert "| batch_parity | passed |" in report
+    assert "| scaling | passed |" in report
+    assert "# 検証レポート" in report
+    assert (out / BUNDLE / "reports/warmup_fp32.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_language_is_usage_error(setup):
+    checkpoint, config, out = setup
+    result = invoke(*build_args(checkpoint, config, out, "--lang", "fr"))
+    assert result.exit_code == EXIT_USAGE
+    assert "--lang fr is not supported" in result.stderr
+    assert not out.exists()
+
+
+def test_json_error_on_failure(setup, tmp_path):
+    _, config, out = setup
+    result = invoke(*build_args(tmp_path / "absent.pt", config, out, "--json"))
+    assert result.exit_code == EXIT_ERROR
+    payload = json.loads(result.stdout)
+    assert payload["key"] == "checkpoint.not_found"
+    assert payload["exit_code"] == EXIT_ERROR
+    assert "absent.pt" in payload["error"]

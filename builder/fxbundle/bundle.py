@@ -143,6 +143,8 @@ class StagedBundle:
             if existing.exists():
                 partial_zip.unlink(missing_ok=True)
                 raise BundleError("bundle.exists", path=str(existing))
+        # mkdtemp creates the staging directory as 0700; a bundle is meant to be shared.
+        os.chmod(self.staging, 0o755)
         os.replace(self.staging, self.paths.directory)
         os.replace(partial_zip, self.paths.zip_path)
         return manifest

@@ -100,7 +100,8 @@ def _read(path: Path, trust: bool) -> Any:
         message = str(error)
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", message)
         if unsafe is None:
-            raise CheckpointError("checkpoint.unreadable", path=str(path), detail=message.strip().splitlines()[0]) from error
+            # PyTorch's own text suggests weights_only=False, which is wrong for a corrupt file.
+            raise CheckpointError("checkpoint.unreadable", path=str(path), detail="the pickle stream is corrupt") from error
         if not trust:
             raise CheckpointError("checkpoint.unsafe_pickle", path=str(path), detail=unsafe.group(0)) from error
     except Exception as error:  # corrupt files make the unpickler fail in many ways (IndexError, EOFError, ...)
@@ -192,8 +193,8 @@ def _build_model(payload: dict[str, Any], path: Path) -> nn.Module:
         raise CheckpointError(
             "checkpoint.state_dict_keys",
             path=str(path),
-            missing=", ".join(missing) or "-",
-            unexpected=", ".join(unexpected) or "-",
+            missing=", ".join(missing) or "none",
+            unexpected=", ".join(unexpected) or "none",
         )
     try:
         model.load_state_dict(state_dict, strict=True)

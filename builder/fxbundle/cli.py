@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import signal
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -20,8 +21,8 @@ from rich.table import Table
 
 from fxbundle import __version__
 from fxbundle.config import LatencySettings
-from fxbundle.errors import EXIT_ERROR, EXIT_OK, FxBundleError, UsageError
-from fxbundle.i18n import current_language, detect_language, set_language, t
+from fxbundle.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, FxBundleError, UsageError
+from fxbundle.i18n import LANGUAGES, current_language, detect_language, set_language, t
 from fxbundle.logs import LOGGER_NAME, JSTFormatter
 
 if TYPE_CHECKING:
@@ -52,9 +53,18 @@ class ConsoleLogHandler(logging.Handler):
         self.console.print(self.format(record), markup=False, highlight=False, style=style, soft_wrap=True)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    """Turn SIGTERM into SystemExit so the build's clean-up removes its staging directory."""
+    raise SystemExit(128 + signum)
+
+
 def _setup(lang: Optional[str], verbose: bool) -> Console:
-    set_language(detect_language(lang))
     console = Console(stderr=True)
+    if lang is not None and lang.strip().lower() not in LANGUAGES:
+        console.print(f"error: --lang {lang} is not supported; use one of: {', '.join(LANGUAGES)}", markup=False, style="red")
+        raise typer.Exit(EXIT_USAGE)
+    set_language(detect_language(lang))
+    signal.signal(signal.SIGTERM, _terminate)
     logger = logging.getLogger(LOGGER_NAME)
     for handler in list(logger.handlers):
         if isinstance(handler, ConsoleLogHandler):
@@ -65,8 +75,19 @@ def _setup(lang: Optional[str], verbose: bool) -> Console:
     return console
 
 
-def _fail(console: Console, error: BaseException) -> typer.Exit:
-    """Print the error in the user's language; the traceback goes to the debug log only."""
+def _fail(console: Console, error: BaseException, json_output: bool = False) -> typer.Exit:
+    """Print the error in the user's language; the traceback goes to the debug log only.
+
+    With ``--json`` the same error is also printed on stdout as ``{"error", "key", "exit_code"}``.
+    """
+    if json_output:
+        is_known = isinstance(error, FxBundleError)
+        payload = {
+            "error": error.render(current_language()) if is_known else f"{type(error).__name__}: {error}",
+            "key": error.key if is_known else None,
+            "exit_code": error.exit_code if is_known else EXIT_ERROR,
+        }
+        typer.echo(json.dumps(payload, ensure_ascii=False))
     if isinstance(error, FxBundleError):
         console.print(t("cli.error", message=error.render(current_language())), markup=False, highlight=False, style="red", soft_wrap=True)
         logging.getLogger(LOGGER_NAME).debug("traceback:\n%s", "".join(traceback.format_exception(error)))
@@ -121,7 +142,7 @@ def build(
         with progress:
             result = run_build(options, on_progress=on_progress)
     except Exception as error:  # every failure is reported with its exit code
-        raise _fail(console, error) from error
+        raise _fail(console, error, json_output) from error
 
     summary = result.summary()
     if json_output:
@@ -142,9 +163,9 @@ def _print_summary(summary: dict) -> None:
     table.add_row(t("summary.zip"), f"{summary['zip']}\nsha256 {summary['zip_sha256']}")
     table.add_row(t("summary.precision"), summary["precision"])
     table.add_row(t("summary.latency"), t("summary.latency_value", p50=latency["p50"], p95=latency["p95"], p99=latency["p99"], provider=summary["execution_provider"]))
-    table.add_row(t("summary.accuracy"), t("summary.accuracy_value", degradation=f"{accuracy['degradation_pct']:.4f}", windows=accuracy["windows"], source=accuracy["data_source"]))
+    table.add_row(t("summary.accuracy"), t("summary.accuracy_value", degradation=f"{accuracy['degradation_pct']:.4f}", windows=accuracy["windows"], source=t(f"source.{accuracy['data_source']}")))
     table.add_row(t("summary.warnings"), str(len(summary["warnings"])))
-    table.add_row(t("summary.wall_time"), f"{summary['wall_seconds']} s")
+    table.add_row(t("summary.wall_time"), t("summary.wall_time_value", seconds=summary["wall_seconds"]))
     console.print(table)
 
 

@@ -90,6 +90,7 @@ class LatencySettings(_Strict):
 
 class AccuracySettings(_Strict):
     windows: int = Field(5000, ge=1)
+    synthetic_windows: int = Field(1000, ge=1)
     batch_size: int = Field(256, ge=1)
     target_degradation_pct: float = Field(1.0, ge=0)
     fail_degradation_pct: float = Field(2.0, ge=0)

@@ -8,6 +8,7 @@ kept in the bundle receives the same lines plus DEBUG records from every module.
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import time
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -40,15 +41,30 @@ class JSTFormatter(logging.Formatter):
         return text
 
 
-def attach_file_log(path: Path) -> logging.Handler:
-    """Send DEBUG and above from every fxbundle module to ``path``; return the handler to detach later."""
+def buffer_log() -> logging.handlers.MemoryHandler:
+    """Collect DEBUG and above from every fxbundle module until :func:`flush_to_file` names the file.
+
+    The build log lives inside the bundle, whose staging directory exists only after the
+    first step; buffering keeps that step's lines in the log too.
+    """
+    handler = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1, target=None)
+    handler.setLevel(logging.DEBUG)
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    return handler
+
+
+def flush_to_file(buffer: logging.handlers.MemoryHandler, path: Path) -> logging.Handler:
+    """Write the buffered records to ``path`` and send later records there; return the file handler."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(JSTFormatter())
-    logger = logging.getLogger(LOGGER_NAME)
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
+    buffer.setTarget(handler)
+    buffer.flush()
+    detach(buffer)
+    logging.getLogger(LOGGER_NAME).addHandler(handler)
     return handler
 
 

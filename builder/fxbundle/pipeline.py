@@ -29,7 +29,7 @@ from fxbundle.graph_checks import check_batch_parity, check_deterministic, check
 from fxbundle.hashing import sha256_file
 from fxbundle.i18n import translate
 from fxbundle.latency import LatencyResult, measure_latency, measure_torch_latency
-from fxbundle.logs import StepReporter, attach_file_log, detach, jst_stamp
+from fxbundle.logs import StepReporter, buffer_log, detach, flush_to_file, jst_stamp
 from fxbundle.metadata import model_properties, write_metadata, write_model_properties
 from fxbundle.optimize import OptimizeResult, optimize_onnx
 from fxbundle.pipeline_metadata import library_versions, metadata_sections, report_context
@@ -140,10 +140,15 @@ class Build:
         self.warnings.append(translate(key, "en", **params))
 
     def run(self) -> BuildResult:
-        with self.steps.step("prepare"):
-            self._prepare()
-        self.staged = StagedBundle(self.paths)
-        log_handler = attach_file_log(self.staged.path("logs/build.log"))
+        buffer = buffer_log()
+        try:
+            with self.steps.step("prepare"):
+                self._prepare()
+            self.staged = StagedBundle(self.paths)
+        except BaseException:
+            detach(buffer)
+            raise
+        log_handler = flush_to_file(buffer, self.staged.path("logs/build.log"))
         try:
             with tempfile.TemporaryDirectory(prefix="fxbundle-work-") as scratch:
                 self.work = Path(scratch)
@@ -523,7 +528,7 @@ class Build:
         count, batch = self.config.accuracy.windows, self.config.accuracy.batch_size
         path = self.options.test_data
         if path is None:
-            return synthetic_windows(self.checkpoint, count, batch)
+            return synthetic_windows(self.checkpoint, min(count, self.config.accuracy.synthetic_windows), batch)
         if not path.is_file():
             raise DataError("data.test_data_not_found", path=str(path))
         if path.suffix.lower() == ".npz":
