@@ -40,7 +40,7 @@ def test_clean_fp16_is_used():
     monitor, _ = make(set())
     np.testing.assert_array_equal(monitor.predict(GOOD), GOOD)
     assert monitor.active_precision == "fp16"
-    assert monitor.statistics.fp16_answers == 1
+    assert monitor.statistics.fp16_results == 1
 
 
 def test_nan_switches_and_reruns_in_fp32():
@@ -49,7 +49,7 @@ def test_nan_switches_and_reruns_in_fp32():
     np.testing.assert_array_equal(output, FP32_ANSWER)
     assert monitor.active_precision == "fp32"
     assert monitor.statistics.fallbacks == 1
-    assert monitor.statistics.fp32_answers == 1
+    assert monitor.statistics.fp32_results == 1
 
 
 def test_inf_also_switches():
@@ -96,7 +96,7 @@ def test_bad_shadow_resets_the_streak():
     assert monitor.active_precision == "fp16"
 
 
-def test_answers_during_fallback_come_from_fp32():
+def test_fallback_results_come_from_fp32():
     monitor, _ = make({1})
     outputs = [monitor.predict(GOOD) for _ in range(5)]
     assert all(np.array_equal(output, FP32_ANSWER) for output in outputs)

@@ -3,7 +3,7 @@
 Rules:
 - an FP16 output with NaN or Inf switches to FP32 at once, and the same call is re-run in
   FP32, so the caller never receives the bad output;
-- during the fallback every call is answered by FP32 and FP16 runs alongside as a shadow;
+- during the fallback FP32 returns every result, and FP16 runs alongside as a shadow;
 - the monitor returns to FP16 after 10 consecutive clean shadow outputs AND at least 60 s
   since the fallback began. A bad shadow output resets the count.
 
@@ -27,8 +27,8 @@ SECONDS_TO_RECOVER = 60.0
 @dataclass
 class MonitorStatistics:
     calls: int = 0
-    fp16_answers: int = 0
-    fp32_answers: int = 0
+    fp16_results: int = 0
+    fp32_results: int = 0
     fallbacks: int = 0
     recoveries: int = 0
     bad_fp16_outputs: int = 0
@@ -43,7 +43,7 @@ def is_clean(output: np.ndarray) -> bool:
 
 
 class FP16StabilityMonitor:
-    """Answer predictions from FP16 while it is healthy, else from FP32 (see the module docstring)."""
+    """Return predictions from FP16 while it is healthy, else from FP32 (see the module docstring)."""
 
     def __init__(
         self,
@@ -71,13 +71,13 @@ class FP16StabilityMonitor:
         if self.fallback_since is None:
             output = self.predict_fp16(batch)
             if is_clean(output):
-                self.statistics.fp16_answers += 1
+                self.statistics.fp16_results += 1
                 return output
             self.statistics.bad_fp16_outputs += 1
             self.statistics.fallbacks += 1
             self.fallback_since = self.clock()
             self.clean_streak = 0
-            return self._answer_fp32(batch)
+            return self._predict_fp32(batch)
 
         shadow = self.predict_fp16(batch)
         self.statistics.shadow_runs += 1
@@ -86,13 +86,13 @@ class FP16StabilityMonitor:
         else:
             self.statistics.bad_fp16_outputs += 1
             self.clean_streak = 0
-        answer = self._answer_fp32(batch)
+        result = self._predict_fp32(batch)
         if self.clean_streak >= self.clean_calls_to_recover and self.clock() - self.fallback_since >= self.seconds_to_recover:
             self.fallback_since = None
             self.clean_streak = 0
             self.statistics.recoveries += 1
-        return answer
+        return result
 
-    def _answer_fp32(self, batch: np.ndarray) -> np.ndarray:
-        self.statistics.fp32_answers += 1
+    def _predict_fp32(self, batch: np.ndarray) -> np.ndarray:
+        self.statistics.fp32_results += 1
         return self.predict_fp32(batch)

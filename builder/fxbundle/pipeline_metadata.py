@@ -159,6 +159,7 @@ def report_context(build: "Build") -> dict[str, Any]:
         "checkpoint_file": build.checkpoint.path.name,
         "checkpoint_sha256": build.checkpoint.sha256,
         "precision": build.precision,
+        "choice_reason": build.choice_reason,
         "checks": build.validation.outcomes,
         "provider": shipped.latency.provider,
         "latency": latency,

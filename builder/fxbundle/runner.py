@@ -4,7 +4,7 @@ Example::
 
     runner = BundleRunner.open("dist/fxbundle-USDJPY-1.0.0")
     pips = runner.predict_pips(windows)
-    runner.statistics  # FP16 answers, fallbacks, recoveries, ...
+    runner.statistics  # FP16 results, fallbacks, recoveries, ...
 
 Opening checks every file against manifest.json before any model is loaded. When the
 bundle ships FP16 (or INT8) with its FP32 fallback, every call goes through the FP16
