@@ -242,9 +242,10 @@ def measure_accuracy(
     rtol: float,
     pips_multiplier: float = 1.0,
     provider: str = "CPUExecutionProvider",
+    gpu_mem_limit_mb: int | None = None,
 ) -> dict[str, AccuracyResult]:
     """Run PyTorch once and every ONNX model on the same windows; evaluate each ONNX model."""
-    sessions = {name: create_session(path, provider=provider)[0] for name, path in onnx_paths.items()}
+    sessions = {name: create_session(path, provider=provider, gpu_mem_limit_mb=gpu_mem_limit_mb)[0] for name, path in onnx_paths.items()}
     model = checkpoint.model.eval()
 
     expected_parts: list[np.ndarray] = []

@@ -80,6 +80,7 @@ class LatencySettings(_Strict):
     warmup_mode: Literal["fixed", "adaptive"] | None = None
     samples: int = Field(1000, ge=10)
     execution_provider: str | None = None
+    gpu_mem_limit_mb: int | None = Field(None, ge=1)
     intra_op_threads: int = Field(1, ge=0)
     target_p95_ms: float = Field(10.0, gt=0)
     warn_p95_ms: float = Field(15.0, gt=0)

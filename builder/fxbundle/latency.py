@@ -743,6 +743,7 @@ class _OnnxJob:
     allow_spinning: bool
     precision: str
     seed: int
+    gpu_mem_limit_mb: int | None = None
 
 
 @dataclass(frozen=True)
@@ -846,6 +847,7 @@ def _open_session(job: _OnnxJob) -> Any:
         intra_op_threads=job.intra_op_threads,
         inter_op_threads=job.inter_op_threads,
         allow_spinning=job.allow_spinning,
+        gpu_mem_limit_mb=job.gpu_mem_limit_mb,
     )
     return session
 
@@ -972,6 +974,7 @@ def measure_latency(
     target_p95_ms: float = DEFAULT_TARGET_P95_MS,
     warn_p95_ms: float = DEFAULT_WARN_P95_MS,
     fail_threshold_ms: float | None = None,
+    gpu_mem_limit_mb: int | None = None,
 ) -> LatencyResult:
     """Time calls of an ONNX model on an ``input_shape`` input under ONNX Runtime, in a separate process.
 
@@ -1000,6 +1003,7 @@ def measure_latency(
         allow_spinning=allow_spinning,
         precision=precision,
         seed=seed,
+        gpu_mem_limit_mb=gpu_mem_limit_mb,
     )
     raw = _run_isolated(job, model_path.name)
     return _finish(raw, model_path.name, policy, thresholds)

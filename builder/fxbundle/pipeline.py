@@ -330,6 +330,7 @@ class Build:
                 precision="int8" if variant.name.startswith("int8") else variant.name,
                 target_p95_ms=settings.target_p95_ms,
                 warn_p95_ms=settings.warn_p95_ms,
+                gpu_mem_limit_mb=settings.gpu_mem_limit_mb,
             )
             measured = variant.latency
             self.steps.info("log.latency", precision=variant.name, p50=measured.p50_ms, p95=measured.p95_ms, p99=measured.p99_ms, provider=measured.provider)
@@ -350,7 +351,10 @@ class Build:
     def _measure_accuracy(self) -> None:
         tolerance = self.config.optimization.parity
         paths = {name: variant.path for name, variant in self.variants.items()}
-        results = measure_accuracy(self.checkpoint, paths, self.window_set, tolerance.atol, tolerance.rtol, self.pair.pips_multiplier, provider=self.provider)
+        results = measure_accuracy(
+            self.checkpoint, paths, self.window_set, tolerance.atol, tolerance.rtol, self.pair.pips_multiplier,
+            provider=self.provider, gpu_mem_limit_mb=self.config.latency.gpu_mem_limit_mb,
+        )
         limits = self.config.accuracy
         for name, measured in results.items():
             variant = self.variants[name]

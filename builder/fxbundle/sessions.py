@@ -31,6 +31,7 @@ def create_session(
     graph_optimization: str = "ORT_ENABLE_ALL",
     inter_op_threads: int = 1,
     allow_spinning: bool | None = None,
+    gpu_mem_limit_mb: int | None = None,
 ) -> tuple[ort.InferenceSession, SessionInfo]:
     """Open a session on ``provider`` and fail if ONNX Runtime silently chose another one.
 
@@ -45,7 +46,11 @@ def create_session(
     if allow_spinning is not None:
         # Spinning must be configured before the session exists; None keeps ORT's default.
         options.add_session_config_entry(SPINNING_CONFIG_KEY, "1" if allow_spinning else "0")
-    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    providers: list = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    if provider == "CUDAExecutionProvider" and gpu_mem_limit_mb is not None:
+        # NOTE: never run on a GPU here (no GPU on the development machine); the option name
+        # and unit (bytes) follow the CUDA execution provider's documented options.
+        providers[0] = (provider, {"gpu_mem_limit": str(gpu_mem_limit_mb * 1024 * 1024)})
     source = str(model) if isinstance(model, Path) else model
     try:
         session = ort.InferenceSession(source, sess_options=options, providers=providers)
