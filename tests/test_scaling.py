@@ -478,7 +478,7 @@ def test_runtime_reads_built_bundle(tmp_path, tiny_checkpoint, fast_config):
     from fxbundle.checkpoint import load_checkpoint
     from fxbundle.pipeline import BuildOptions, build
 
-    result = build(BuildOptions(pair="USDJPY", model=tiny_checkpoint, config=fast_config, out=tmp_path / "dist", project_dir=tmp_path))
+    result = build(BuildOptions(pair="USDJPY", model=tiny_checkpoint, config=fast_config, out=tmp_path / "dist", project_dir=tmp_path, precision="fp32"))
     model = ScaledModel.from_bundle(result.bundle_dir)
     assert model.scaling.scaling_applied is False
     assert model.scaling.pips_multiplier == 100.0
