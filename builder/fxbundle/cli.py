@@ -102,7 +102,7 @@ def build(
     pair: str = typer.Option(..., "--pair", help="Symbol to build for, e.g. USDJPY (must be in config/pairs.yaml)."),
     model: Path = typer.Option(Path("models/usdjpy_example_training.pt"), "--model", help="Checkpoint (.pt) to convert."),
     config: Optional[Path] = typer.Option(None, "--config", help="Build settings YAML (default: ./config/onnx_conversion.yaml, else built-in)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="Model precision to ship: fp32 or fp16 (default: from config)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Model precision to ship: auto, fp32, fp16 or int8 (default: from config, auto: the fastest variant that passes the gates)."),
     test_data: Optional[Path] = typer.Option(None, "--test-data", help="Held-out data: a bars CSV (example feature set) or an .npz with X and y."),
     version: Optional[str] = typer.Option(None, "--version", help="Bundle version X.Y.Z (default: from config). An existing version is never overwritten."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: ./dist)."),

@@ -70,6 +70,7 @@ class ABSettings(_Strict):
 
 class PrecisionSettings(_Strict):
     default: Literal["auto", "fp32", "fp16", "int8"] = "auto"
+    min_gain_pct: float = Field(5.0, ge=0)
     fp16: FP16Settings = FP16Settings()
     int8: INT8Settings = INT8Settings()
     ab: ABSettings = ABSettings()

@@ -199,6 +199,11 @@ class Build:
         if self.requested_precision not in PRECISIONS:
             raise UsageError("build.bad_precision", precision=self.requested_precision, allowed=", ".join(PRECISIONS))
         self.provider = self.config.latency.execution_provider or self.profile.execution_provider
+        if self.requested_precision == "int8" and not self._int8_possible():
+            raise ConfigError(
+                "gate.int8_unavailable",
+                reasons="static INT8 needs a bars CSV given with --test-data, and dynamic INT8 needs a target profile that allows contrib ops",
+            )
         self.version = options.version or self.config.bundle.version
         out_dir = options.out or (options.project_dir / self.config.bundle.output_dir)
         self.paths: BundlePaths = bundle_paths(out_dir, self.pair.symbol, self.version)
@@ -422,7 +427,19 @@ class Build:
             eligible.pop(int8.name)
 
         fastest = min(eligible.values(), key=lambda variant: variant.latency.p95_ms)
-        self.choice_reason = "fastest p95 among " + ", ".join(f"{name} {variant.latency.p95_ms} ms" for name, variant in eligible.items())
+        measured = ", ".join(f"{name} {variant.latency.p95_ms} ms" for name, variant in eligible.items())
+        excluded = "; ".join(f"{name} excluded: {variant.excluded}" for name, variant in self.variants.items() if variant.excluded)
+        suffix = f" ({excluded})" if excluded else ""
+        # A reduced precision must beat FP32 by a margin: run-to-run noise of a few percent
+        # would otherwise decide, and FP32 is the variant every other one is checked against.
+        fp32 = eligible.get("fp32")
+        margin = self.config.precision.min_gain_pct
+        if fp32 is not None and fastest is not fp32:
+            gain = 100.0 * (fp32.latency.p95_ms - fastest.latency.p95_ms) / fp32.latency.p95_ms
+            if gain < margin:
+                self.choice_reason = f"fp32: {fastest.name} is only {gain:.1f} % faster at p95, below the {margin:g} % margin; measured {measured}{suffix}"
+                return "fp32"
+        self.choice_reason = f"fastest p95 among {measured}{suffix}"
         return fastest.name
 
     def _run_ab(self, int8: Variant, fp16: Variant) -> ABResult:
@@ -439,6 +456,11 @@ class Build:
         result = run_ab((int8.name, int8.path), ("fp16", fp16.path), int8.accuracy.mae_onnx, fp16.accuracy.mae_onnx, p95_of, repeats=settings.repeats)
         self.steps.info("log.ab_result", candidate=int8.name, verdicts=", ".join(round_.verdict for round_ in result.rounds), verdict=result.verdict)
         return result
+
+    def _int8_possible(self) -> bool:
+        settings = self.config.precision.int8
+        has_csv = self.options.test_data is not None and self.options.test_data.suffix.lower() == ".csv"
+        return (settings.static and has_csv) or (settings.dynamic and self.profile.allow_contrib_ops)
 
     def _explicit_variant(self) -> str:
         if self.requested_precision != "int8":
