@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fxbundle.checkpoint import load_checkpoint
-from fxbundle.config import ExportSettings, FP16Settings, OptimizationSettings, load_build_config, load_target_profile
+from fxbundle.config import ExportSettings, FP16Settings, load_build_config, load_target_profile
 from fxbundle.errors import ConfigError, ExportError, FxBundleError
 from fxbundle.export import check_target_profile, downgrade_ir_version, export_onnx
 from fxbundle.latency import measure_latency
