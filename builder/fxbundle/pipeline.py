@@ -136,8 +136,12 @@ class Build:
         self.choice_reason = ""
 
     def warn(self, key: str, **params: object) -> None:
+        """Log a warning once: the INT8 variants, for example, raise the same CPU notice each."""
+        text = translate(key, "en", **params)
+        if text in self.warnings:
+            return
         self.steps.warning(key, **params)
-        self.warnings.append(translate(key, "en", **params))
+        self.warnings.append(text)
 
     def run(self) -> BuildResult:
         buffer = buffer_log()
