@@ -3,7 +3,7 @@
     .venv/bin/python scripts/benchmark.py [--csv ../shared/data/fx/USDJPY_H1.csv]
 
 Runs `fxbundle build --pair USDJPY --test-data CSV` with the default settings (all candidates,
-1000 timed calls each, 5000 held-out windows, the A/B test) into a temporary folder, then
+1000 timed calls each, 5000 held-out windows, the A/B test) into a temporary folder. Then it
 times the FP32 model once more with fixed and with adaptive warm-up, side by side in one run.
 The numbers depend on the machine and its load; record them with the machine's description.
 """

@@ -139,7 +139,8 @@ def test_missing_checkpoint(setup, tmp_path):
     _, config, out = setup
     result = invoke(*build_args(tmp_path / "absent.pt", config, out))
     assert result.exit_code == EXIT_ERROR
-    assert "checkpoint" in result.stderr and "absent.pt not found" in result.stderr
+    assert "checkpoint" in result.stderr
+    assert "absent.pt not found" in result.stderr
     assert_nothing_written(out)
 
 

@@ -131,7 +131,7 @@ def test_verify_causality_catches_a_leak(source, monkeypatch):
 
     def leaky(bars):
         features = honest(bars)
-        features[:-1, 0] = features[1:, 0]  # column 0 now holds the next bar's value
+        features[:-1, 0] = features[1:, 0]  # column 0 now contains the next bar's value
         return features
 
     monkeypatch.setattr(data_module, "compute_features", leaky)

@@ -128,7 +128,9 @@ def test_explicit_fp16_slower_warns_with_both_numbers(tmp_path, tiny_checkpoint)
     fp16, fp32 = summary["candidates"]["fp16"]["p95_ms"], summary["candidates"]["fp32"]["p95_ms"]
     slower = [warning for warning in summary["warnings"] if "slower than fp32" in warning]
     if fp16 > fp32:
-        assert slower and str(fp16) in slower[0] and str(fp32) in slower[0]
+        assert slower
+        assert str(fp16) in slower[0]
+        assert str(fp32) in slower[0]
     else:
         assert slower == []
 

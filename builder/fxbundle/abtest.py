@@ -1,7 +1,7 @@
 """A/B protocol: adopt INT8 over FP16 only when it is clearly faster and barely less accurate.
 
 Rule: adopt when the MAE degradation of INT8 against FP16 is below 1.5 % AND its p95 latency
-is at least 30 % lower; otherwise reject. The comparison is repeated (5 times by default)
+is at least 30 % lower. Otherwise reject. The comparison is repeated (5 times by default)
 with fresh latency measurements; the verdict counts only if every repetition agrees, and an
 inconsistent series is reported as such and treated as a rejection.
 """

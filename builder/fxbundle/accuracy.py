@@ -32,7 +32,7 @@ Batches = Iterator[tuple[np.ndarray, np.ndarray | None]]
 
 @dataclass(frozen=True)
 class WindowSet:
-    """Where evaluation windows come from, and a way to iterate over them in batches."""
+    """A source of evaluation windows and a way to iterate over them in batches."""
 
     kind: str  # "csv" | "npz" | "synthetic"
     description: str

@@ -10,8 +10,8 @@ ranges miss the volatile ones that matter most. The selector splits its budget:
 - 20 % extremes: the windows whose last bar has the largest absolute log return.
 
 Indices picked twice are dropped and the remainder is topped up at random. Every random draw
-comes from one seeded generator, so the selection is reproducible. Two KPIs say whether
-the sample is usable: every volatility regime holds at least 10 % of it, and at least 20
+comes from one seeded generator, so the selection is reproducible. Two KPIs decide whether
+the sample is usable: every volatility regime contains at least 10 % of it, and at least 20
 windows lie at or beyond the 99.5th percentile of the absolute return.
 """
 

@@ -49,7 +49,11 @@ class ConsoleLogHandler(logging.Handler):
         self.setFormatter(JSTFormatter())
 
     def emit(self, record: logging.LogRecord) -> None:
-        style = "yellow" if record.levelno == logging.WARNING else "red" if record.levelno >= logging.ERROR else None
+        style = None
+        if record.levelno >= logging.ERROR:
+            style = "red"
+        elif record.levelno == logging.WARNING:
+            style = "yellow"
         self.console.print(self.format(record), markup=False, highlight=False, style=style, soft_wrap=True)
 
 

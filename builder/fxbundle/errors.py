@@ -1,7 +1,7 @@
 """Error types and the exit codes the CLI maps them to.
 
 Every error carries a catalog key and its parameters, so the CLI can print it in the
-user's language; ``str(error)`` gives the English text for logs and tracebacks.
+user's language. ``str(error)`` gives the English text for logs and tracebacks.
 """
 
 from __future__ import annotations

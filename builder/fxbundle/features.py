@@ -1,7 +1,7 @@
 """The example feature set ``fxbundle-example-v1``: 52 causal features per bar.
 
 Every feature of bar ``i`` is computed from bars ``i - 100 … i`` of the same timeframe only,
-so a window that ends at a closed bar never sees a later bar. The MQL5 include
+so a window that ends at a closed bar never reads a later bar. The MQL5 include
 ``mql5/FxBundle/ExampleFeatures.mqh`` implements the same formulas in the same order; a
 change here must be made there too, and the feature-set name bumped.
 
@@ -99,7 +99,7 @@ class Bars:
 
 
 def _rolling(values: np.ndarray, window: int) -> np.ndarray:
-    """Return an (n, window) view whose row i holds values[i-window+1 … i]; NaN-padded rows first."""
+    """Return an (n, window) view whose row i contains values[i-window+1 … i]; NaN-padded rows first."""
     padded = np.concatenate([np.full(window - 1, np.nan), values])
     return sliding_window_view(padded, window)
 

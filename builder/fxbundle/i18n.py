@@ -1,7 +1,7 @@
 """Message catalog in English and Japanese.
 
 Every user-facing message (errors, step logs, the summary) is looked up here by key. Each
-language has one YAML file per topic under ``locales/<lang>/``; the files are merged, and a
+language has one YAML file per topic under ``locales/<lang>/``. The files are merged, and a
 test checks that both languages define the same keys with the same placeholders.
 """
 

@@ -53,7 +53,7 @@ def read_model_properties(path: Path) -> dict[str, str]:
 
 
 def write_metadata(path: Path, sections: dict) -> None:
-    """Write onnx_metadata.json; ``sections`` holds conversion, model, performance, accuracy, validation, scaling."""
+    """Write onnx_metadata.json; ``sections`` contains conversion, model, performance, accuracy, validation, scaling."""
     required = ("conversion", "model", "performance", "accuracy", "validation", "scaling")
     missing = [name for name in required if name not in sections]
     if missing:

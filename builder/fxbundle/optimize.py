@@ -30,7 +30,7 @@ class OptimizeResult:
 
 
 def _outputs(proto: onnx.ModelProto, sample: np.ndarray) -> np.ndarray:
-    # ORT's own graph optimizations are off so that the comparison sees this graph only.
+    # ORT's own graph optimizations are off so that the comparison measures this graph only.
     session, _ = create_session(proto.SerializeToString(), graph_optimization="ORT_DISABLE_ALL")
     return run(session, sample)
 

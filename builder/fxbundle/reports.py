@@ -34,11 +34,15 @@ def _table_cell(text: Any) -> str:
 
 
 def _yes_no(value: Any) -> str:
-    return "-" if value is None else ("yes" if value else "no")
+    if value is None:
+        return "-"
+    return "yes" if value else "no"
 
 
 def _yes_no_ja(value: Any) -> str:
-    return "-" if value is None else ("はい" if value else "いいえ")
+    if value is None:
+        return "-"
+    return "はい" if value else "いいえ"
 
 
 _STATUS_JA = {"passed": "合格", "warning": "警告", "failed": "不合格", "skipped": "省略"}

@@ -36,7 +36,7 @@ def create_session(
     """Open a session on ``provider`` and fail if ONNX Runtime silently chose another one.
 
     ``get_available_providers()`` lists CUDA whenever the GPU build is installed, even on a
-    machine without a GPU; only the session's own ``get_providers()`` tells what will run.
+    machine without a GPU. Only the session's own ``get_providers()`` shows what will run.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, graph_optimization)
@@ -48,8 +48,8 @@ def create_session(
         options.add_session_config_entry(SPINNING_CONFIG_KEY, "1" if allow_spinning else "0")
     providers: list = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     if provider == "CUDAExecutionProvider" and gpu_mem_limit_mb is not None:
-        # NOTE: never run on a GPU here (no GPU on the development machine); the option name
-        # and unit (bytes) follow the CUDA execution provider's documented options.
+        # NOTE: this path has never run on a GPU, because the development machine has none.
+        # The option name and its unit (bytes) follow the CUDA execution provider's documentation.
         providers[0] = (provider, {"gpu_mem_limit": str(gpu_mem_limit_mb * 1024 * 1024)})
     source = str(model) if isinstance(model, Path) else model
     try:

@@ -42,7 +42,7 @@ class ValidationLog:
     def record(self, name: str, status: Status, summary: str, **details: Any) -> CheckOutcome:
         outcome = CheckOutcome(name=name, status=status, summary=summary, details=details)
         self.outcomes.append(outcome)
-        level = logging.WARNING if status == "warning" else logging.ERROR if status == "failed" else logging.DEBUG
+        level = {"warning": logging.WARNING, "failed": logging.ERROR}.get(status, logging.DEBUG)
         logger.log(level, "check %s: %s (%s)", name, status, summary)
         return outcome
 

@@ -6,7 +6,7 @@ The split is chronological: train, validation and a held-out test period, with t
 bars before each boundary dropped so that no training target reaches into a later period.
 Normalization statistics are fitted on the training period only. The report puts test RMSE
 next to a zero-change baseline (forecast 0 for every horizon): a few CPU minutes of training
-does not beat that baseline reliably, and the card says so when it does not.
+does not beat that baseline reliably, and the card states it when it does not.
 """
 
 from __future__ import annotations
